@@ -1,0 +1,253 @@
+"""Run a grid of (method, fold, seed) on one dataset and record each run in MLflow.
+
+Idempotent: a FINISHED run with the same tags (method, dataset, fold, seed, config hash)
+is skipped; an unfinished one (RUNNING after a kill, or KILLED) resumes from its
+``last.pt``. All methods are resolved and checked against the model before the first run
+starts, so a typo or an out-of-range parameter fails fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench import __version__, params as P
+from bench.cache import prepare
+from bench.data import PreparedData
+from bench.errors import ConfigError, NonFiniteLossError
+from bench.figures import training_curves
+from bench.method import Method, resolve
+from bench.metrics import confusion, confusion_figure, summarize
+from bench.tracking import RunLogger, Workspace, code_version, find_run
+from bench.trainer import EpochCallback, Runtime, TrainConfig, Trainer, predict
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: Method = field(compare=False)
+    dataset: str
+    data_root: str | None
+    fold: int
+    seed: int
+    n_folds: int
+    split_seed: int
+    train: TrainConfig
+
+    def config(self) -> dict[str, Any]:
+        """Everything that determines the result except fold and seed (those are tags)."""
+        return {
+            "method": self.method.name,
+            "method_params": self.method.params(),
+            "dataset": self.dataset,
+            "n_folds": self.n_folds,
+            "split_seed": self.split_seed,
+            "train": dataclasses.asdict(self.train),
+        }
+
+    def config_hash(self) -> str:
+        text = json.dumps(self.config(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def tags(self) -> dict[str, str]:
+        return {"method": self.method.name, "dataset": self.dataset, "fold": str(self.fold),
+                "seed": str(self.seed), "config_hash": self.config_hash()}
+
+    def run_dir(self, ws: Workspace) -> Path:
+        slug = self.method.name.replace("/", "_").replace(":", "_")
+        return ws.runs_dir / self.dataset.replace(":", "_") / slug / self.config_hash() / f"fold{self.fold}_seed{self.seed}"
+
+
+@dataclass
+class Outcome:
+    spec: RunSpec
+    status: str  # finished, skipped, failed
+    run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+
+
+def resolve_methods(specs: list[str], cfg: TrainConfig, num_classes: int) -> list[Method]:
+    """Resolve every method and let its components check a model, before any training."""
+    methods = [resolve(s) for s in specs]
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"a method is listed twice: {', '.join(names)}")
+    for method in methods:
+        model = method.base.build_model(cfg.model_spec(num_classes))
+        for component in method.components().values():
+            component.configure(model)
+    return methods
+
+
+def run_grid(
+    methods: list[str],
+    dataset: str,
+    ws: Workspace,
+    *,
+    data_root: str | None = None,
+    n_folds: int = 3,
+    folds: list[int] | None = None,
+    seeds: list[int] = [0],  # noqa: B006 - read only
+    split_seed: int = 0,
+    cfg: TrainConfig = TrainConfig(),
+    runtime: Runtime = Runtime(),
+    retry_failed: bool = False,
+    extra_callbacks: list[EpochCallback] | None = None,
+    echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> list[Outcome]:
+    data = prepare(dataset, data_root, ws.data_dir, image_size=cfg.image_size, n_folds=n_folds,
+                   split_seed=split_seed, progress=runtime.progress)
+    resolved = resolve_methods(methods, cfg, len(data.class_names))
+    exp_id = ws.experiment_id()
+    assert exp_id is not None
+    outcomes = []
+    for method in resolved:
+        for fold in folds if folds is not None else range(n_folds):
+            for seed in seeds:
+                spec = RunSpec(method, data.name, data_root, fold, seed, n_folds, split_seed, cfg)
+                outcomes.append(execute(spec, data, ws, exp_id, runtime, retry_failed, extra_callbacks or [], echo))
+    return outcomes
+
+
+def execute(
+    spec: RunSpec,
+    data: PreparedData,
+    ws: Workspace,
+    exp_id: str,
+    runtime: Runtime,
+    retry_failed: bool,
+    callbacks: list[EpochCallback],
+    echo: Callable[[str], None],
+) -> Outcome:
+    label = f"{spec.method.name} | {spec.dataset} | fold {spec.fold} | seed {spec.seed}"
+    existing = find_run(ws, exp_id, spec.tags())
+    if existing is not None and existing.info.status == "FINISHED":
+        echo(f"skip   {label}: finished run {existing.info.run_id} has the same config")
+        return Outcome(spec, "skipped", existing.info.run_id)
+    if existing is not None and existing.info.status == "FAILED" and not retry_failed:
+        echo(f"skip   {label}: run {existing.info.run_id} FAILED before ({existing.data.tags.get('failure', '?')}); --retry-failed reruns it")
+        return Outcome(spec, "skipped", existing.info.run_id, message="failed before")
+    run_dir = spec.run_dir(ws)
+    with _exclusive(run_dir):
+        if existing is not None and (run_dir / "last.pt").exists():
+            run_id = existing.info.run_id
+            ws.client.update_run(run_id, "RUNNING")
+            echo(f"resume {label}")
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_id = _new_run(ws, exp_id, spec)
+            echo(f"run    {label}")
+        log = RunLogger(ws, run_id)
+        trainer = Trainer(spec.method, data.fold(spec.fold, monitor_fraction=spec.train.monitor_fraction,
+                                                 select_on=spec.train.select_on),
+                          spec.train, seed=spec.seed, run_dir=run_dir, runtime=runtime,
+                          callbacks=[lambda epoch, rec: log.metrics(rec, step=epoch), *callbacks],
+                          meta={"run_id": run_id, "config_hash": spec.config_hash()})
+        try:
+            result = trainer.fit()
+        except NonFiniteLossError as err:
+            log.tags({"failure": "nan_loss", "failure_message": str(err)[:5000]})
+            log.finish("FAILED")
+            echo(f"FAILED {label}: {err}")
+            return Outcome(spec, "failed", run_id, message=str(err))
+        except KeyboardInterrupt:
+            log.finish("KILLED")
+            raise
+        except BaseException as err:
+            log.tags({"failure": type(err).__name__, "failure_message": str(err)[:5000]})
+            log.finish("FAILED")
+            raise
+        trainer.load_best()
+        metrics = _evaluate(trainer, spec, data, log, result.best_epoch)
+        log.figure(training_curves(result.history), "figures/training_curves.png")
+        log.artifact(result.best_path, "checkpoints")
+        log.finish()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return Outcome(spec, "finished", run_id, metrics)
+
+
+def _new_run(ws: Workspace, exp_id: str, spec: RunSpec) -> str:
+    tags = {**spec.tags(), "code_version": code_version(), "harness_version": __version__,
+            "family": spec.method.family, "encoder": spec.train.encoder, "torch": torch.__version__,
+            "mlflow.runName": f"{spec.method.name}|{spec.dataset}|f{spec.fold}|s{spec.seed}"}
+    run = ws.client.create_run(exp_id, tags=tags)
+    log = RunLogger(ws, run.info.run_id)
+    flat = {**{f"method.{k}": v for k, v in spec.method.params().items()},
+            **{f"train.{k}": v for k, v in dataclasses.asdict(spec.train).items()},
+            "data.n_folds": spec.n_folds, "data.split_seed": spec.split_seed, "data.root": spec.data_root}
+    log.params(flat)
+    log.json({**spec.config(), "fold": spec.fold, "seed": spec.seed}, "config.json")
+    return str(run.info.run_id)
+
+
+def evaluation_sets(spec: RunSpec, data: PreparedData) -> dict[str, np.ndarray]:
+    """``val`` is the fold's held-out part; ``test`` the dataset's official test split, if any."""
+    sets = {"val": data.fold(spec.fold).heldout}
+    test = data.rows("test")
+    if len(test):
+        sets["test"] = test
+    return sets
+
+
+def _evaluate(trainer: Trainer, spec: RunSpec, data: PreparedData, log: RunLogger, best_epoch: int) -> dict[str, float]:
+    final: dict[str, float] = {"best_epoch": float(best_epoch), "epochs_trained": float(trainer.epoch)}
+    for name, rows in evaluation_sets(spec, data).items():
+        table = predict(trainer.model, spec.method, data, rows, trainer.runtime, trainer.device, trainer.autocast)
+        table.insert(2, "fold", spec.fold)
+        table.insert(3, "seed", spec.seed)
+        metrics = summarize(table, len(data.class_names))
+        final.update({f"{name}/{k}": v for k, v in metrics.items()})
+        _log_table(log, table, f"predictions/{name}.csv")
+        if "pred" in table:
+            cm = confusion(table["label"].to_numpy(), table["pred"].to_numpy(), len(data.class_names))
+            log.figure(confusion_figure(cm, data.class_names), f"figures/confusion_{name}.png")
+            log.json(cm.tolist(), f"metrics/confusion_{name}.json")
+    log.metrics(final)
+    return final
+
+
+def _log_table(log: RunLogger, table: Any, name: str) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(name).name
+        table.to_csv(path, index=False, float_format="%.6g")
+        log.artifact(path, str(Path(name).parent))
+
+
+@contextmanager
+def _exclusive(run_dir: Path) -> Iterator[None]:
+    """Hold a lock so two processes never train the same run at once."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = run_dir.parent / f".{run_dir.name}.lock"
+    with open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another process is training {run_dir}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def seeds_from(text: str) -> list[int]:
+    """``"3"`` -> [0, 1, 2]; ``"0,5,7"`` -> [0, 5, 7]."""
+    parts = [p for p in text.split(",") if p.strip()]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise P.ParamError(f"--seeds takes a count or a comma list of integers, got {text!r}") from None
+    return list(range(values[0])) if len(values) == 1 else values

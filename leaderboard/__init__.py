@@ -1,0 +1,1 @@
+"""The leaderboard generator: MLflow runs -> tables, statistics, figures, HTML/Markdown."""
