@@ -504,18 +504,23 @@ def _write_png(array: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def class_quota(patients: int, class_probs: np.ndarray, seed: int) -> np.ndarray:
-    """TI-RADS of each patient: counts in proportion to ``class_probs`` (largest remainder), order shuffled.
+QUOTA_BLOCK = 20  # patients per block of the class quota
 
-    A quota rather than independent draws, so that even a small set holds every class with
-    a non-zero probability in about its expected number (a fold without a class cannot train).
+
+def class_quota(patients: int, class_probs: np.ndarray, seed: int) -> np.ndarray:
+    """TI-RADS of each patient: a quota per block of :data:`QUOTA_BLOCK` patients, shuffled.
+
+    Each block holds the classes in proportion to ``class_probs`` (largest remainder), so even
+    a small set has every likely class in about its expected number (a fold without a class
+    cannot train); blocks are independent, so adding patients never changes earlier ones.
     """
-    exact = patients * class_probs
+    exact = QUOTA_BLOCK * class_probs
     counts = np.floor(exact).astype(int)
-    order = np.argsort(-(exact - counts), kind="stable")
-    counts[order[: patients - counts.sum()]] += 1
-    labels = np.repeat(np.arange(1, 6), counts)
-    return np.random.default_rng([seed, 2**31]).permutation(labels)
+    counts[np.argsort(-(exact - counts), kind="stable")[: QUOTA_BLOCK - counts.sum()]] += 1
+    block = np.repeat(np.arange(1, 6), counts)
+    n_blocks = -(-patients // QUOTA_BLOCK)
+    labels = [np.random.default_rng([seed, 2**31, b]).permutation(block) for b in range(n_blocks)]
+    return np.concatenate(labels)[:patients]
 
 
 def _patients(seed: int, patients: int, class_probs: np.ndarray) -> Iterator[tuple[int, NoduleFeatures, _Nodule]]:
