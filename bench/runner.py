@@ -27,6 +27,7 @@ from bench import __version__, params as P
 from bench.cache import prepare
 from bench.data import PreparedData
 from bench.errors import ConfigError, NonFiniteLossError
+from bench.external import ExternalSet, ExternalSpec, prepare_externals, segmentation_only, views
 from bench.figures import training_curves
 from bench.method import Method, resolve
 from bench.metrics import confusion, confusion_figure, summarize
@@ -44,10 +45,11 @@ class RunSpec:
     n_folds: int
     split_seed: int
     train: TrainConfig
+    external: tuple[str, ...] = ()  # canonical specs of the external evaluation sets
 
     def config(self) -> dict[str, Any]:
         """Everything that determines the result except fold and seed (those are tags)."""
-        return {
+        config = {
             "method": self.method.name,
             "method_params": self.method.params(),
             "dataset": self.dataset,
@@ -55,6 +57,9 @@ class RunSpec:
             "split_seed": self.split_seed,
             "train": dataclasses.asdict(self.train),
         }
+        if self.external:  # only when given, so runs without external sets keep their hash
+            config["external"] = sorted(self.external)
+        return config
 
     def config_hash(self) -> str:
         text = json.dumps(self.config(), sort_keys=True, default=str)
@@ -88,6 +93,7 @@ def resolve_methods(specs: list[str], cfg: TrainConfig, num_classes: int) -> lis
         model = method.base.build_model(cfg.model_spec(num_classes))
         for component in method.components().values():
             component.configure(model)
+            component.check_config(cfg)
     return methods
 
 
@@ -106,19 +112,39 @@ def run_grid(
     retry_failed: bool = False,
     extra_callbacks: list[EpochCallback] | None = None,
     echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    external: list[ExternalSpec] | None = None,
 ) -> list[Outcome]:
+    for spec in methods:  # names and parameters first: a typo fails before any data is read
+        resolve(spec)
     data = prepare(dataset, data_root, ws.data_dir, image_size=cfg.image_size, n_folds=n_folds,
                    split_seed=split_seed, progress=runtime.progress)
     resolved = resolve_methods(methods, cfg, len(data.class_names))
+    for method in resolved:  # a base whose class labels are missing fails before any training
+        method.base.relabel(data)
+    externals = prepare_externals(external or [], data, ws.data_dir, image_size=cfg.image_size, progress=runtime.progress)
+    _echo_label_spaces(externals, resolved, data, echo)
     exp_id = ws.experiment_id()
     assert exp_id is not None
     outcomes = []
     for method in resolved:
         for fold in folds if folds is not None else range(n_folds):
             for seed in seeds:
-                spec = RunSpec(method, data.name, data_root, fold, seed, n_folds, split_seed, cfg)
-                outcomes.append(execute(spec, data, ws, exp_id, runtime, retry_failed, extra_callbacks or [], echo))
+                spec = RunSpec(method, data.name, data_root, fold, seed, n_folds, split_seed, cfg,
+                               tuple(e.data.name for e in externals))
+                outcomes.append(execute(spec, data, ws, exp_id, runtime, retry_failed, extra_callbacks or [], echo, externals))
     return outcomes
+
+
+def _echo_label_spaces(externals: list[ExternalSet], methods: list[Method], data: PreparedData,
+                       echo: Callable[[str], None]) -> None:
+    """Say, before training, how each external set's labels meet each method's classes."""
+    decisions: dict[tuple[str, str], list[str]] = {}
+    for method in methods:
+        for view in views(externals, method.base, method.base.relabel(data)):
+            decisions.setdefault((view.name, view.labels), []).append(method.name)
+    for (name, labels), names in decisions.items():
+        who = "" if len(names) == len(methods) else f" [{', '.join(names)}]"
+        echo(f"external {name}{who}: {labels}")
 
 
 def execute(
@@ -130,7 +156,9 @@ def execute(
     retry_failed: bool,
     callbacks: list[EpochCallback],
     echo: Callable[[str], None],
+    externals: list[ExternalSet] | None = None,
 ) -> Outcome:
+    data = spec.method.base.relabel(data)  # the classes this base predicts (default: TI-RADS)
     label = f"{spec.method.name} | {spec.dataset} | fold {spec.fold} | seed {spec.seed}"
     existing = find_run(ws, exp_id, spec.tags())
     if existing is not None and existing.info.status == "FINISHED":
@@ -140,6 +168,7 @@ def execute(
         echo(f"skip   {label}: run {existing.info.run_id} FAILED before ({existing.data.tags.get('failure', '?')}); --retry-failed reruns it")
         return Outcome(spec, "skipped", existing.info.run_id, message="failed before")
     run_dir = spec.run_dir(ws)
+    fold = data.fold(spec.fold, monitor_fraction=spec.train.monitor_fraction, select_on=spec.train.select_on)
     with _exclusive(run_dir):
         if existing is not None and (run_dir / "last.pt").exists():
             run_id = existing.info.run_id
@@ -150,13 +179,15 @@ def execute(
             run_id = _new_run(ws, exp_id, spec)
             echo(f"run    {label}")
         log = RunLogger(ws, run_id)
-        trainer = Trainer(spec.method, data.fold(spec.fold, monitor_fraction=spec.train.monitor_fraction,
-                                                 select_on=spec.train.select_on),
-                          spec.train, seed=spec.seed, run_dir=run_dir, runtime=runtime,
-                          callbacks=[lambda epoch, rec: log.metrics(rec, step=epoch), *callbacks],
-                          meta={"run_id": run_id, "config_hash": spec.config_hash()})
         try:
+            trainer = Trainer(spec.method, fold, spec.train, seed=spec.seed, run_dir=run_dir, runtime=runtime,
+                              callbacks=[lambda epoch, rec: log.metrics(rec, step=epoch), *callbacks],
+                              meta={"run_id": run_id, "config_hash": spec.config_hash()})
             result = trainer.fit()
+            trainer.load_best()
+            metrics = _evaluate(trainer, spec, data, log, result.best_epoch, externals or [])
+            log.figure(training_curves(result.history), "figures/training_curves.png")
+            log.artifact(result.best_path, "checkpoints")
         except NonFiniteLossError as err:
             log.tags({"failure": "nan_loss", "failure_message": str(err)[:5000]})
             log.finish("FAILED")
@@ -169,10 +200,6 @@ def execute(
             log.tags({"failure": type(err).__name__, "failure_message": str(err)[:5000]})
             log.finish("FAILED")
             raise
-        trainer.load_best()
-        metrics = _evaluate(trainer, spec, data, log, result.best_epoch)
-        log.figure(training_curves(result.history), "figures/training_curves.png")
-        log.artifact(result.best_path, "checkpoints")
         log.finish()
     shutil.rmtree(run_dir, ignore_errors=True)
     return Outcome(spec, "finished", run_id, metrics)
@@ -186,7 +213,8 @@ def _new_run(ws: Workspace, exp_id: str, spec: RunSpec) -> str:
     log = RunLogger(ws, run.info.run_id)
     flat = {**{f"method.{k}": v for k, v in spec.method.params().items()},
             **{f"train.{k}": v for k, v in dataclasses.asdict(spec.train).items()},
-            "data.n_folds": spec.n_folds, "data.split_seed": spec.split_seed, "data.root": spec.data_root}
+            "data.n_folds": spec.n_folds, "data.split_seed": spec.split_seed, "data.root": spec.data_root,
+            **({"data.external": ",".join(spec.external)} if spec.external else {})}
     log.params(flat)
     log.json({**spec.config(), "fold": spec.fold, "seed": spec.seed}, "config.json")
     return str(run.info.run_id)
@@ -201,14 +229,22 @@ def evaluation_sets(spec: RunSpec, data: PreparedData) -> dict[str, np.ndarray]:
     return sets
 
 
-def _evaluate(trainer: Trainer, spec: RunSpec, data: PreparedData, log: RunLogger, best_epoch: int) -> dict[str, float]:
+def _evaluate(trainer: Trainer, spec: RunSpec, data: PreparedData, log: RunLogger, best_epoch: int,
+              externals: list[ExternalSet] = []) -> dict[str, float]:  # noqa: B006 - read only
     final: dict[str, float] = {"best_epoch": float(best_epoch), "epochs_trained": float(trainer.epoch)}
-    for name, rows in evaluation_sets(spec, data).items():
-        table = predict(trainer.model, spec.method, data, rows, trainer.runtime, trainer.device, trainer.autocast)
+    # (metric prefix, file name, data, rows, classification scored?)
+    sets = [(name, name, data, rows, True) for name, rows in evaluation_sets(spec, data).items()]
+    for view in views(externals, spec.method.base, data):
+        sets.append((f"external/{view.name}", f"external_{view.name}", view.data, view.rows, view.classify))
+        log.tags({f"external.{view.name}.labels": view.labels})
+    for prefix, name, eval_data, rows, classify in sets:
+        table = predict(trainer.model, spec.method, eval_data, rows, trainer.runtime, trainer.device, trainer.autocast)
         table.insert(2, "fold", spec.fold)
         table.insert(3, "seed", spec.seed)
+        if not classify:
+            table = segmentation_only(table)
         metrics = summarize(table, len(data.class_names))
-        final.update({f"{name}/{k}": v for k, v in metrics.items()})
+        final.update({f"{prefix}/{k}": v for k, v in metrics.items()})
         _log_table(log, table, f"predictions/{name}.csv")
         if "pred" in table:
             cm = confusion(table["label"].to_numpy(), table["pred"].to_numpy(), len(data.class_names))

@@ -79,7 +79,10 @@ def monitor_rows(table: pd.DataFrame, rows: np.ndarray, fraction: float, seed: i
     if n_patients < 2:
         raise DataError("the training part of a fold has fewer than 2 patients; cannot hold back a monitoring set")
     largest_class = int(np.bincount(strata(sub)).max())  # sklearn needs a class with n_splits members
-    n_splits = int(max(2, min(round(1 / fraction), n_patients, largest_class)))
+    n_splits = int(min(max(2, round(1 / fraction)), n_patients, largest_class))
+    if n_splits < 2:  # one sample per class: stratifying is moot, hold back one random patient
+        patient = np.random.default_rng(seed).choice(sorted(set(groups)))
+        return rows[groups == patient]
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():  # rare classes are expected; the split stays grouped
         warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
