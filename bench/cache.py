@@ -49,20 +49,25 @@ def prepare(
     n_folds: int,
     split_seed: int = 0,
     progress: bool = True,
+    with_folds: bool = True,
 ) -> PreparedData:
+    """``with_folds=False`` (an external evaluation set): every row gets fold -1, no fold checks."""
     adapter = open_adapter(spec, root, data_dir)
     workdir = adapter.workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    table = validate_index(adapter.build_index(), adapter.info.name)
+    table = validate_index(adapter.build_index(), adapter.info.name, len(adapter.class_names))
     key = _content_key(table, adapter.version)
     arrays = workdir / f"{image_size}px-{key}"
     if not (arrays / "masks.npy").exists():
         _build_arrays(adapter, table, arrays, image_size, progress)
     table["pixel_hash"] = pd.read_csv(arrays / "hashes.csv")["pixel_hash"].to_numpy()
     _atomic_csv(table, workdir / "index.csv")
-    table["fold"] = _folds(table, workdir / f"folds-k{n_folds}-s{split_seed}.csv", n_folds, split_seed)
-    check_leakage(table, table["fold"].to_numpy())
-    check_classes(table, table["fold"].to_numpy(), list(adapter.class_names))
+    if with_folds:
+        table["fold"] = _folds(table, workdir / f"folds-k{n_folds}-s{split_seed}.csv", n_folds, split_seed)
+        check_leakage(table, table["fold"].to_numpy())
+        check_classes(table, table["fold"].to_numpy(), list(adapter.class_names))
+    else:
+        table["fold"] = -1
     return PreparedData(
         name=P.format_spec(adapter.info.name, adapter.params),
         table=table,

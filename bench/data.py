@@ -97,8 +97,11 @@ def read_grey(path: Path) -> np.ndarray:
         raise DataError(f"cannot read {path}: {err}") from err
 
 
-def validate_index(table: pd.DataFrame, dataset: str) -> pd.DataFrame:
-    """Check the adapter's table and add the ``label`` column (class index, -1 if missing)."""
+def validate_index(table: pd.DataFrame, dataset: str, num_classes: int = len(CLASS_NAMES)) -> pd.DataFrame:
+    """Check the adapter's table and add the ``label`` column (class index, -1 if missing).
+
+    ``tirads`` holds the 1-based class of the adapter's ``class_names`` (TR1..TR5 by default).
+    """
     missing = [c for c in INDEX_COLUMNS if c not in table.columns]
     if missing:
         raise DataError(f"dataset {dataset}: index lacks column(s) {', '.join(missing)}")
@@ -111,9 +114,9 @@ def validate_index(table: pd.DataFrame, dataset: str) -> pd.DataFrame:
     if bad_split:
         raise DataError(f"dataset {dataset}: unknown split value(s) {bad_split}; expected {SPLITS}")
     tirads = pd.to_numeric(table["tirads"], errors="coerce")
-    bad = tirads.notna() & ~tirads.isin(range(1, 6))
+    bad = tirads.notna() & ~tirads.isin(range(1, num_classes + 1))
     if bad.any():
-        raise DataError(f"dataset {dataset}: sample {table['sample_id'][bad].iloc[0]} has tirads outside 1..5")
+        raise DataError(f"dataset {dataset}: sample {table['sample_id'][bad].iloc[0]} has tirads outside 1..{num_classes}")
     if "train" not in set(table["split"]):
         raise DataError(f"dataset {dataset}: no image in the training split")
     table = table.reset_index(drop=True).copy()

@@ -11,6 +11,10 @@ class DataError(BenchError):
     """Bad or missing data: the message names the dataset, file, sample or field."""
 
 
+class DataWarning(UserWarning):
+    """A recoverable defect in a dataset (the message names the file); the sample is repaired or skipped."""
+
+
 class ConfigError(BenchError):
     """A bad option or combination of options, caught before any training starts."""
 

@@ -26,13 +26,15 @@ import numpy as np
 from torch import Tensor, nn
 
 from bench import params as P
+from bench.consistency import inconsistency
 from bench.models import ModelSpec, Output
 from bench.registry import Registry
 
 if TYPE_CHECKING:
     import optuna
 
-    from bench.data import Batch, FoldData
+    from bench.data import Batch, FoldData, PreparedData
+    from bench.trainer import TrainConfig
 
 Role = Literal["base", "regularizer", "combiner"]
 
@@ -48,6 +50,7 @@ class MethodInfo:
     summary: str
     min_tasks: int = 1  # regularizers/combiners acting between tasks need 2
     default: bool = False  # the base used when a recipe names none
+    bases: tuple[str, ...] = ()  # regularizers/combiners that only work with these bases; a recipe naming none gets the first
 
 
 @dataclass
@@ -79,13 +82,17 @@ class Component:
 
     info: ClassVar[MethodInfo]
     Params: ClassVar[type] = P.NoParams
+    #: Tuning of the trainer's shared hyperparameters (``bench.tune.SHARED_SPACE``: lr, weight_decay):
+    #: map a TrainConfig field to an optuna distribution to set its range for this method, or to None to keep it fixed.
+    shared_space: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()
 
     @classmethod
     def search_space(cls, trial: optuna.Trial) -> dict[str, Any]:
-        """Optuna suggestions for this component's parameters (name -> value)."""
+        """Optuna suggestions for this component's parameters: suggest each under its field name
+        (``trial.suggest_float("c", 0.1, 0.9)``) and return ``{field: value}``; see ``bench.tune``."""
         return {}
 
     def prepare(self, fold: FoldData) -> dict[str, np.ndarray]:
@@ -94,6 +101,9 @@ class Component:
 
     def configure(self, model: nn.Module) -> None:
         """Check the model suits this component; raise a clear error before training."""
+
+    def check_config(self, cfg: TrainConfig) -> None:
+        """Check the training configuration suits this component (e.g. the batch size); raise before training."""
 
     def on_epoch_end(self, epoch: int, train_losses: Mapping[str, float]) -> None:
         """Called after each training epoch with the epoch-mean training losses."""
@@ -121,8 +131,20 @@ class Base(Component):
     def losses(self, out: Output, batch: Batch, step: StepContext) -> Losses:
         raise NotImplementedError
 
+    def relabel(self, data: PreparedData) -> PreparedData:
+        """``data`` with the class labels and names this base predicts; by default the dataset's
+        TI-RADS classes, unchanged. Called before any training: raise a :class:`DataError`
+        there when the labels the base needs are missing."""
+        return data
+
     def sample_metrics(self, out: Output, batch: Batch) -> dict[str, Tensor]:
-        """Extra per-sample values for the prediction table (e.g. consistency measures)."""
+        """Extra per-sample values for the prediction table; by default the task
+        inconsistency measures the outputs allow (:func:`bench.consistency.inconsistency`)."""
+        return inconsistency(out)
+
+    def guidance_channels(self, model: nn.Module) -> dict[str, tuple[Tensor, int]]:
+        """Named classifier inputs for feature importance (``bench explain``): name -> (weight
+        matrix, index of the column that reads the channel). Empty when the base has none."""
         return {}
 
     def score(self, metrics: Mapping[str, float]) -> float:
@@ -208,10 +230,13 @@ def resolve(spec: str, overrides: Mapping[str, Mapping[str, Any]] | None = None)
         parts[cls.info.role].append(cls(P.build(cls.Params, values, owner=f"method {name}")))
     if len(parts["base"]) > 1 or len(parts["combiner"]) > 1:
         raise P.ParamError(f"{spec!r}: a method combines at most one base and one combiner")
-    base = parts["base"][0] if parts["base"] else _default_base()
+    base = parts["base"][0] if parts["base"] else _implied_base(parts["regularizer"] + parts["combiner"])
     combiner = parts["combiner"][0] if parts["combiner"] else Combiner()
     regs = [c for c in parts["regularizer"] if isinstance(c, Regularizer)]
     assert isinstance(base, Base)
+    for c in (*regs, combiner):
+        if c.info.bases and base.info.name not in c.info.bases:
+            raise P.ParamError(f"{c.info.name} works only with base {' or '.join(c.info.bases)}, not {base.info.name}")
     for c in (*regs, combiner):
         if c.info.min_tasks > len(base.tasks):
             raise P.ParamError(f"{c.info.name} needs {c.info.min_tasks} tasks but {base.info.name} trains {len(base.tasks)}")
@@ -221,6 +246,30 @@ def resolve(spec: str, overrides: Mapping[str, Mapping[str, Any]] | None = None)
     shown = ordered[1:] if implied else ordered
     name = "+".join(P.format_spec(c.info.name, c.params) for c in shown)
     return Method(base=base, regularizers=regs, combiner=combiner, name=name)  # type: ignore[arg-type]
+
+
+def recipes() -> list[str]:
+    """Two-part recipes of every non-default base with each regularizer and each combiner it
+    has enough tasks for (e.g. ``<base>+<regularizer>``); the default base's are the bare names."""
+    METHODS.load()
+    classes = [METHODS.get(n) for n in METHODS.names()]
+    bases = [c for c in classes if c.info.role == "base" and not c.info.default]
+    others = [c for c in classes if c.info.role in ("regularizer", "combiner")]
+    return [f"{b.info.name}+{o.info.name}" for b in bases for o in others
+            if issubclass(b, Base) and o.info.min_tasks <= len(b.tasks) and b.info.name in (o.info.bases or [b.info.name])]
+
+
+def _implied_base(components: list[Component]) -> Base:
+    """The default base, or the first base that every component restricted to some bases accepts."""
+    needs = [c.info.bases for c in components if c.info.bases]
+    if not needs:
+        return _default_base()
+    common = [b for b in needs[0] if all(b in n for n in needs)]
+    if not common:
+        raise P.ParamError("no base suits " + " and ".join(f"{c.info.name} ({'/'.join(c.info.bases)})" for c in components if c.info.bases))
+    base = METHODS.get(common[0])()
+    assert isinstance(base, Base)
+    return base
 
 
 def _default_base() -> Base:

@@ -188,6 +188,8 @@ def summarize(predictions: pd.DataFrame, num_classes: int = NUM_CLASSES) -> dict
     column is finite, reported when there is at least one such row. Classification
     (:func:`classification_metrics` over the labelled rows) when ``pred`` exists and a
     labelled row has ``pred >= 0``. ``n_seg`` and ``n_cls`` count the rows used (0 if none).
+    Any other numeric column (a method's per-sample metrics, e.g. ``inconsis_cls``) is
+    reported as the mean of its finite values, and left out when it has none.
     """
     out: dict[str, float] = {}
     seg_cols = [k for k in SEG_KEYS if k in predictions]
@@ -209,7 +211,22 @@ def summarize(predictions: pd.DataFrame, num_classes: int = NUM_CLASSES) -> dict
             n_cls = int((label >= 0).sum())
     out["n_seg"] = float(n_seg)
     out["n_cls"] = float(n_cls)
+    for col in _extra_columns(predictions):  # per-sample extras (e.g. inconsistency): mean of finite values
+        values = pd.to_numeric(predictions[col], errors="coerce").to_numpy(dtype=float)
+        if np.isfinite(values).any():
+            out[col] = float(values[np.isfinite(values)].mean())
     return out
+
+
+NON_METRIC_COLUMNS = ("sample_id", "patient_id", "label", "pred", "fold", "seed")
+
+
+def _extra_columns(predictions: pd.DataFrame) -> list[str]:
+    """Numeric prediction-table columns that are neither identifiers, labels, probabilities
+    nor the segmentation scores summarised above: per-sample metrics added by a method."""
+    skip = {*NON_METRIC_COLUMNS, *SEG_KEYS}
+    return [c for c in predictions.columns if c not in skip and not str(c).startswith("prob_")
+            and pd.api.types.is_numeric_dtype(predictions[c]) and not pd.api.types.is_bool_dtype(predictions[c])]
 
 
 # -------------------------------------------------------------------------------- figure

@@ -132,6 +132,7 @@ class TimmClassifier(nn.Module):
         import timm
 
         self.net = timm.create_model(name, pretrained=False, num_classes=spec.num_classes, in_chans=spec.in_channels)
+        self.layers = {"bottleneck": 0}  # the only named map in Output.features
         if spec.weights:
             load_weights(self.net, spec.weights)
 

@@ -7,7 +7,8 @@ import pandas as pd
 
 from bench.tracking import Workspace, all_runs
 
-METRICS = ("dice", "iou", "hd95", "f1", "precision", "recall", "accuracy", "balanced_accuracy", "auc", "kappa")
+METRICS = ("dice", "iou", "hd95", "f1", "precision", "recall", "accuracy", "balanced_accuracy", "auc", "kappa",
+           "inconsis_cls", "inconsis_seg2", "inconsis_seg3")  # the last three where a method's outputs allow them
 
 
 def runs_frame(ws: Workspace) -> pd.DataFrame:
@@ -15,7 +16,7 @@ def runs_frame(ws: Workspace) -> pd.DataFrame:
     rows = []
     for run in all_runs(ws):
         tags = run.data.tags
-        if "method" not in tags:
+        if "method" not in tags or tags.get("kind") in ("study", "trial"):  # tuning runs (bench.tune) are not results
             continue
         rows.append({"run_id": run.info.run_id, "status": run.info.status,
                      **{k: tags.get(k) for k in ("method", "dataset", "fold", "seed", "config_hash", "family")},
@@ -47,7 +48,7 @@ def results_table(ws: Workspace, dataset: str | None = None, eval_set: str = "va
     cells = pd.DataFrame(index=table.index)
     for col in dict.fromkeys(c for c, _ in table.columns if c != "n"):
         mean, std = table[(col, "mean")], table[(col, "std")]
-        name = col.split("/", 1)[1]
+        name = col.rsplit("/", 1)[1]  # external/<set>/dice -> dice
         digits = 2 if name == "hd95" else 3
         cells[name] = [_fmt(m, s, digits) for m, s in zip(mean, std)]
     cells["n"] = table[("n", "")].astype(int)

@@ -46,6 +46,7 @@ class RunSpec:
     split_seed: int
     train: TrainConfig
     external: tuple[str, ...] = ()  # canonical specs of the external evaluation sets
+    tuned: tuple[tuple[str, str], ...] = ()  # where tuned parameters came from: (study|trial|storage|value, text)
 
     def config(self) -> dict[str, Any]:
         """Everything that determines the result except fold and seed (those are tags)."""
@@ -59,6 +60,8 @@ class RunSpec:
         }
         if self.external:  # only when given, so runs without external sets keep their hash
             config["external"] = sorted(self.external)
+        if self.tuned:  # the study and trial, not the storage's location
+            config["tuned"] = {k: v for k, v in self.tuned if k in ("study", "trial")}
         return config
 
     def config_hash(self) -> str:
@@ -113,7 +116,9 @@ def run_grid(
     extra_callbacks: list[EpochCallback] | None = None,
     echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
     external: list[ExternalSpec] | None = None,
+    adapt: Callable[[RunSpec], RunSpec] | None = None,
 ) -> list[Outcome]:
+    """``adapt`` may replace each planned run (e.g. with tuned parameters); all are planned before any trains."""
     for spec in methods:  # names and parameters first: a typo fails before any data is read
         resolve(spec)
     data = prepare(dataset, data_root, ws.data_dir, image_size=cfg.image_size, n_folds=n_folds,
@@ -125,14 +130,10 @@ def run_grid(
     _echo_label_spaces(externals, resolved, data, echo)
     exp_id = ws.experiment_id()
     assert exp_id is not None
-    outcomes = []
-    for method in resolved:
-        for fold in folds if folds is not None else range(n_folds):
-            for seed in seeds:
-                spec = RunSpec(method, data.name, data_root, fold, seed, n_folds, split_seed, cfg,
-                               tuple(e.data.name for e in externals))
-                outcomes.append(execute(spec, data, ws, exp_id, runtime, retry_failed, extra_callbacks or [], echo, externals))
-    return outcomes
+    specs = [RunSpec(method, data.name, data_root, fold, seed, n_folds, split_seed, cfg, tuple(e.data.name for e in externals))
+             for method in resolved for fold in (folds if folds is not None else range(n_folds)) for seed in seeds]
+    specs = [adapt(spec) for spec in specs] if adapt else specs
+    return [execute(spec, data, ws, exp_id, runtime, retry_failed, extra_callbacks or [], echo, externals) for spec in specs]
 
 
 def _echo_label_spaces(externals: list[ExternalSet], methods: list[Method], data: PreparedData,
@@ -208,13 +209,15 @@ def execute(
 def _new_run(ws: Workspace, exp_id: str, spec: RunSpec) -> str:
     tags = {**spec.tags(), "code_version": code_version(), "harness_version": __version__,
             "family": spec.method.family, "encoder": spec.train.encoder, "torch": torch.__version__,
-            "mlflow.runName": f"{spec.method.name}|{spec.dataset}|f{spec.fold}|s{spec.seed}"}
+            "mlflow.runName": f"{spec.method.name}|{spec.dataset}|f{spec.fold}|s{spec.seed}",
+            **{f"tuned.{k}": v for k, v in spec.tuned}}
     run = ws.client.create_run(exp_id, tags=tags)
     log = RunLogger(ws, run.info.run_id)
     flat = {**{f"method.{k}": v for k, v in spec.method.params().items()},
             **{f"train.{k}": v for k, v in dataclasses.asdict(spec.train).items()},
             "data.n_folds": spec.n_folds, "data.split_seed": spec.split_seed, "data.root": spec.data_root,
-            **({"data.external": ",".join(spec.external)} if spec.external else {})}
+            **({"data.external": ",".join(spec.external)} if spec.external else {}),
+            **{f"tuned.{k}": v for k, v in spec.tuned}}
     log.params(flat)
     log.json({**spec.config(), "fold": spec.fold, "seed": spec.seed}, "config.json")
     return str(run.info.run_id)

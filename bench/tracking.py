@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -98,6 +99,11 @@ def all_runs(ws: Workspace, experiment: str = EXPERIMENT) -> list[Any]:
             return runs
 
 
+def mlflow_key(name: str) -> str:
+    """A metric/param name MLflow accepts: other characters (the ``@`` of ``rlar@mid``) become ``_``."""
+    return re.sub(r"[^\w./ :-]", "_", name)
+
+
 def _quote(value: str) -> str:
     return str(value).replace("\\", "\\\\").replace("'", "\\'")
 
@@ -111,7 +117,7 @@ class RunLogger:
     def params(self, values: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, _param_text(v)) for k, v in sorted(values.items())]
+        items = [Param(mlflow_key(k), _param_text(v)) for k, v in sorted(values.items())]
         for i in range(0, len(items), 100):
             self.ws.client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -119,7 +125,7 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None and math.isfinite(v)]
+        items = [Metric(mlflow_key(k), float(v), now, step) for k, v in values.items() if v is not None and math.isfinite(v)]
         for i in range(0, len(items), 1000):
             self.ws.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 

@@ -107,6 +107,7 @@ class Trainer:
         self.model = method.base.build_model(cfg.model_spec(len(fold.data.class_names))).to(self.device)
         for component in method.components().values():
             component.configure(self.model)
+            component.check_config(cfg)
         self.extras: dict[str, np.ndarray] = {}
         for component in method.components().values():
             self.extras.update(component.prepare(fold))

@@ -1,3 +1,3 @@
 """Built-in dataset adapters, each imported here by name."""
 
-from bench.datasets import folder, synthetic  # noqa: F401
+from bench.datasets import aimi, ddti, folder, synthetic, thyroidxl, tn3k  # noqa: F401
