@@ -126,7 +126,6 @@ def _build_arrays(adapter: DatasetAdapter, table: pd.DataFrame, out: Path, size:
                 pass
         images.flush()
         masks.flush()
-        del images, masks
         pd.DataFrame({"sample_id": table["sample_id"], "pixel_hash": hashes}).to_csv(tmp / "hashes.csv", index=False)
         os.replace(tmp, out)
     finally:

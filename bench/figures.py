@@ -19,7 +19,7 @@ def training_curves(history: list[dict[str, float]]) -> Figure:
     for i, (group, series) in enumerate(sorted(groups.items())):
         ax = fig.add_subplot((n + 2) // 3, min(n, 3), i + 1)
         for name, points in sorted(series.items()):
-            xs, ys = zip(*points)
+            xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, marker="o", markersize=3, label=name)
         ax.set_title(group)
         ax.set_xlabel("epoch")

@@ -32,7 +32,7 @@ def weighted_ce(logits: Tensor, labels: Tensor, class_weights: Tensor) -> Tensor
     return F.cross_entropy(logits.float(), labels, weight=class_weights.to(logits.device), ignore_index=IGNORE)
 
 
-def class_weights(labels: "torch.Tensor | list[int]", num_classes: int) -> Tensor:
+def class_weights(labels: torch.Tensor | list[int], num_classes: int) -> Tensor:
     """Inverse-frequency weights normalised to mean 1 over the classes present; 0 for absent ones."""
     labels = torch.as_tensor(labels)
     counts = torch.bincount(labels[labels >= 0], minlength=num_classes).float()

@@ -50,7 +50,7 @@ def results_table(ws: Workspace, dataset: str | None = None, eval_set: str = "va
         mean, std = table[(col, "mean")], table[(col, "std")]
         name = col.rsplit("/", 1)[1]  # external/<set>/dice -> dice
         digits = 2 if name == "hd95" else 3
-        cells[name] = [_fmt(m, s, digits) for m, s in zip(mean, std)]
+        cells[name] = [_fmt(m, s, digits) for m, s in zip(mean, std, strict=True)]
     cells["n"] = table[("n", "")].astype(int)
     return f"{eval_set} metrics, mean ± std over folds x seeds\n" + cells.reset_index().to_string(index=False)
 

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import __version__, params as P
+from bench import __version__
+from bench import params as P
 from bench.cache import prepare
 from bench.data import PreparedData
 from bench.errors import ConfigError, NonFiniteLossError
@@ -68,8 +69,13 @@ class RunSpec:
         text = json.dumps(self.config(), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+    @property
+    def label(self) -> str:
+        """The results row: a tuned method is a row of its own, never averaged with untuned runs."""
+        return self.method.name + (" [tuned]" if self.tuned else "")
+
     def tags(self) -> dict[str, str]:
-        return {"method": self.method.name, "dataset": self.dataset, "fold": str(self.fold),
+        return {"method": self.label, "dataset": self.dataset, "fold": str(self.fold),
                 "seed": str(self.seed), "config_hash": self.config_hash()}
 
     def run_dir(self, ws: Workspace) -> Path:
@@ -110,8 +116,8 @@ def run_grid(
     folds: list[int] | None = None,
     seeds: list[int] = [0],  # noqa: B006 - read only
     split_seed: int = 0,
-    cfg: TrainConfig = TrainConfig(),
-    runtime: Runtime = Runtime(),
+    cfg: TrainConfig = TrainConfig(),  # noqa: B008 - frozen, never mutated
+    runtime: Runtime = Runtime(),  # noqa: B008 - frozen, never mutated
     retry_failed: bool = False,
     extra_callbacks: list[EpochCallback] | None = None,
     echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
@@ -209,7 +215,7 @@ def execute(
 def _new_run(ws: Workspace, exp_id: str, spec: RunSpec) -> str:
     tags = {**spec.tags(), "code_version": code_version(), "harness_version": __version__,
             "family": spec.method.family, "encoder": spec.train.encoder, "torch": torch.__version__,
-            "mlflow.runName": f"{spec.method.name}|{spec.dataset}|f{spec.fold}|s{spec.seed}",
+            "mlflow.runName": f"{spec.label}|{spec.dataset}|f{spec.fold}|s{spec.seed}",
             **{f"tuned.{k}": v for k, v in spec.tuned}}
     run = ws.client.create_run(exp_id, tags=tags)
     log = RunLogger(ws, run.info.run_id)

@@ -1,7 +1,20 @@
 """Built-in method plugins: one module per method family, each imported here by name."""
 
-from bench.methods import single_task, vanilla  # noqa: F401
-from bench.methods import rlar, repmtl  # noqa: F401
-from bench.methods import clinical  # noqa: F401
-from bench.methods import aligned_mtl, cagrad, famo, gradnorm, imtl, loss_weighting, mgda, nash_mtl, pcgrad, upgrad  # noqa: F401
-from bench.methods import msmtl  # noqa: F401
+from bench.methods import (  # noqa: F401  # noqa: F401  # noqa: F401
+    aligned_mtl,
+    cagrad,
+    clinical,  # noqa: F401
+    famo,
+    gradnorm,
+    imtl,
+    loss_weighting,
+    mgda,
+    msmtl,  # noqa: F401
+    nash_mtl,
+    pcgrad,
+    repmtl,
+    rlar,
+    single_task,
+    upgrad,
+    vanilla,
+)

@@ -66,15 +66,6 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core host they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("name", METHODS.names() + COMBOS)
 def test_step_is_finite_deterministic_and_resumes(name: str, fold: FoldData, tmp_path: Path) -> None:
     straight = make_trainer(name, fold, tmp_path / "a")

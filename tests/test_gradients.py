@@ -314,15 +314,6 @@ def unet_losses(model: MultiTaskUNet, seed: int = 0, cls_sign: float = 1.0) -> L
                   extra={"reg": 0.1 * out.features["bottleneck"].pow(2).mean()})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core host they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def unet() -> MultiTaskUNet:
     torch.manual_seed(0)

@@ -45,7 +45,7 @@ def test_local_weights_file_is_loaded(tmp_path):
     path = tmp_path / "w.pt"
     torch.save({"state_dict": source.encoder.state_dict()}, path)  # an encoder-only checkpoint
     target = MultiTaskUNet(ModelSpec(**{**SPEC.__dict__, "weights": str(path)}))
-    for (name, a), b in zip(source.encoder.state_dict().items(), target.encoder.state_dict().values()):
+    for (name, a), b in zip(source.encoder.state_dict().items(), target.encoder.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     with pytest.raises(FileNotFoundError, match="not found"):
         MultiTaskUNet(ModelSpec(**{**SPEC.__dict__, "weights": str(tmp_path / "none.pt")}))

@@ -23,15 +23,6 @@ STAGES = {"rlar": (4,), "rlar@last": (3,), "rlar@mid": (2,), "rlar@mean": (2, 3,
 STRIDES = {4: 32, 3: 16, 2: 8}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and a busy host makes them much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def unet() -> MultiTaskUNet:
     torch.manual_seed(0)

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
-import torch
 from bench.methods.vanilla import Vanilla
 from click.testing import CliRunner
 from optuna.distributions import FloatDistribution
@@ -37,15 +36,6 @@ TINY = TrainConfig(epochs=2, iters_per_epoch=2, batch_size=4, patience=0, image_
                    decoder_channels=(32, 16, 16, 8, 8))
 CLI_TINY = ["--dataset", DATASET, "--folds", "2", "--iters", "1", "--batch-size", "4", "--patience", "0",
             "--image-size", "64", "--encoder", "tu-resnet10t", "--no-progress", "--startup-trials", "2", "--warmup-epochs", "0"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: one intra-op thread is faster than contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _method(cls: type, name: str = "probe") -> Method:
@@ -209,6 +199,7 @@ def test_run_tuned_uses_and_records_the_best_trial(study_ws):
     run = ws.client.get_run(outcome.run_id)
     assert run.data.tags["tuned.study"] == result.study_name and run.data.tags["tuned.trial"] == str(best.number)
     assert run.data.params["tuned.storage"] == default_storage(ws) and run.info.status == "FINISHED"
+    assert run.data.tags["method"] == spec.method.name + " [tuned]"  # its own results row, never averaged with untuned runs
     with pytest.raises(ConfigError, match="no study for st-unet"):
         tuned.best("st-unet", spec.dataset, 0, cfg, 2, 0)
 
