@@ -20,7 +20,6 @@ the weighted sum and the same per-epoch diagnostics of the task weights.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,26 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from bench.errors import ConfigError
-from bench.method import Combiner, Losses, StepContext
-
-
-class EpochMeans:
-    """Running means of per-step scalars, read and reset once per epoch."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, values: Mapping[str, float]) -> None:
-        for key, value in values.items():
-            if math.isfinite(value):
-                self.sums[key] = self.sums.get(key, 0.0) + value
-                self.counts[key] = self.counts.get(key, 0) + 1
-
-    def pop(self) -> dict[str, float]:
-        means = {k: self.sums[k] / self.counts[k] for k in self.sums}
-        self.sums, self.counts = {}, {}
-        return means
+from bench.method import Combiner, EpochMeans, Losses, StepContext
 
 
 def mean_cosine(gramian: Tensor) -> float:
@@ -162,3 +142,40 @@ class LossWeighting(Combiner):
 
     def diagnostics(self) -> dict[str, float]:
         return self._means.pop()
+
+
+class LearnedTaskVector:
+    """A learned per-task vector (loss weights, their logits or log-variances) with its own Adam.
+
+    Made on first use, when the number of tasks is known; stepped with a gradient the method
+    computes itself; part of the method's checkpoint.
+    """
+
+    def __init__(self, init: float = 0.0, dtype: torch.dtype = torch.float32, **adam: Any) -> None:
+        self.init, self.dtype, self.adam = init, dtype, adam
+        self.value: Tensor | None = None
+        self.optimizer: torch.optim.Adam | None = None
+
+    def ensure(self, k: int) -> Tensor:
+        if self.value is None:
+            self.value = torch.full((k,), float(self.init), dtype=self.dtype, requires_grad=True)
+            self.optimizer = torch.optim.Adam([self.value], **self.adam)
+        return self.value
+
+    def step(self, grad: Tensor) -> None:
+        assert self.value is not None and self.optimizer is not None, "step() before ensure()"
+        self.value.grad = grad.to(self.value)
+        self.optimizer.step()
+        self.value.grad = None
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.value is None or self.optimizer is None:
+            return {}
+        return {"value": self.value.detach().clone(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            with torch.no_grad():
+                self.ensure(len(state["value"])).copy_(state["value"])
+            assert self.optimizer is not None
+            self.optimizer.load_state_dict(state["optimizer"])

@@ -18,6 +18,7 @@ task losses are summed. The trainer only calls the hooks below; it never branche
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -75,6 +76,32 @@ class StepContext:
     iteration: int
     class_weights: Tensor  # K class weights from the training fold's label frequencies
     scale: Callable[[Tensor], Tensor] = lambda t: t  # AMP loss scaling (identity without a GradScaler)
+
+
+class EpochMeans:
+    """Running means of per-step diagnostics, read and reset once per epoch (in ``diagnostics()``).
+
+    A tensor is summed where it lives, so adding one costs no device sync; a non-finite float
+    is left out, a non-finite epoch mean too.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor | float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, values: Mapping[str, Tensor | float]) -> None:
+        for key, value in values.items():
+            if isinstance(value, Tensor):
+                value = value.detach()
+            elif not math.isfinite(value):
+                continue
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def pop(self) -> dict[str, float]:
+        means = {k: float(self.sums[k]) / self.counts[k] for k in self.sums}
+        self.sums, self.counts = {}, {}
+        return {k: v for k, v in means.items() if math.isfinite(v)}
 
 
 class Component:

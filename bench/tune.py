@@ -38,7 +38,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -406,28 +406,11 @@ def _short(params: Mapping[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- the study
-@dataclass(frozen=True)
-class TuneSpec:
-    """What a study tunes; its hash names the study and guards it against a changed setup."""
-
-    method: Method = field(compare=False)
-    dataset: str
-    data_root: str | None
-    fold: int
-    seed: int
-    n_folds: int
-    split_seed: int
-    train: TrainConfig
-
-    def identity(self) -> dict[str, Any]:
-        return {"method": self.method.name, "dataset": self.dataset, "fold": self.fold, "seed": self.seed,
-                "n_folds": self.n_folds, "split_seed": self.split_seed, "train": dataclasses.asdict(self.train)}
-
-    def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-    def study_name(self) -> str:
-        return f"{self.method.name}/{self.dataset}/f{self.fold}/{self.config_hash()}"
+def study_identity(spec: RunSpec) -> dict[str, Any]:
+    """What a study tunes: the run's configuration (as hashed for runs), its fold and seed."""
+    identity = {**spec.config(), "fold": spec.fold, "seed": spec.seed}
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return {**identity, "config_hash": hashlib.sha256(text.encode()).hexdigest()[:8]}
 
 
 @dataclass(frozen=True)
@@ -469,7 +452,7 @@ def tune(
 ) -> TuneResult:
     """Run (or continue) the study of one method until it holds ``budget.trials`` trials."""
     from bench.cache import prepare
-    from bench.runner import resolve_methods
+    from bench.runner import RunSpec, resolve_methods
 
     if budget.trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {budget.trials}")
@@ -500,18 +483,19 @@ def tune(
         data = prepare(dataset, data_root, ws.data_dir, image_size=cfg.image_size, n_folds=n_folds,
                        split_seed=split_seed, progress=runtime.progress)
         (method,) = resolve_methods([method.name], cfg, len(data.class_names))
-        spec = TuneSpec(method, data.name, data_root, fold, seed, n_folds, split_seed, cfg)
-        name = study_name or spec.study_name()
+        spec = RunSpec(method, data.name, data_root, fold, seed, n_folds, split_seed, cfg)
+        identity = study_identity(spec)
+        name = study_name or f"{method.name}/{data.name}/f{fold}/{identity['config_hash']}"
         study = optuna.create_study(storage=rdb, study_name=name, direction="maximize", sampler=sampler,
                                     pruner=pruner, load_if_exists=True)
-        _claim(study, spec, space, url)
+        _claim(study, identity, space, url)
         exp_id = ws.experiment_id(TUNE_EXPERIMENT)
         assert exp_id is not None
         tags = {"optuna.study": name, "optuna.storage": masked(url), "method": method.name, "dataset": data.name,
                 "fold": str(fold), "seed": str(seed), "family": method.family}
         parent = find_run(ws, exp_id, {"kind": "study", "optuna.study": name})
         if parent is None:
-            parent_id = _new_study_run(ws, exp_id, tags, spec, space, budget)
+            parent_id = _new_study_run(ws, exp_id, tags, spec, identity, space, budget)
         else:
             parent_id = parent.info.run_id
             ws.client.update_run(parent_id, "RUNNING")
@@ -591,10 +575,9 @@ def _used(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=_COUNTED)) + len(failed)
 
 
-def _claim(study: optuna.Study, spec: TuneSpec, space: SearchSpace, url: str) -> None:
+def _claim(study: optuna.Study, identity: dict[str, Any], space: SearchSpace, url: str) -> None:
     """Record what a new study tunes and queue trial 0; refuse a study made for another setup."""
     attrs = study.user_attrs.get(STUDY_ATTR)
-    identity = {**spec.identity(), "config_hash": spec.config_hash()}
     if attrs is None:
         study.set_user_attr(STUDY_ATTR, identity)
         study.set_user_attr("search_space", space.describe())
@@ -615,14 +598,15 @@ def _requeue_interrupted(study: optuna.Study) -> None:
             retry(study, t)
 
 
-def _new_study_run(ws: Workspace, exp_id: str, tags: Mapping[str, str], spec: TuneSpec, space: SearchSpace, budget: Budget) -> str:
+def _new_study_run(ws: Workspace, exp_id: str, tags: Mapping[str, str], spec: RunSpec, identity: dict[str, Any],
+                   space: SearchSpace, budget: Budget) -> str:
     run = ws.client.create_run(exp_id, tags={**tags, "kind": "study", "mlflow.runName": f"study {tags['optuna.study']}",
                                              "code_version": code_version()})
     log = RunLogger(ws, run.info.run_id)
     log.params({**{f"train.{k}": v for k, v in dataclasses.asdict(spec.train).items()},
                 "data.n_folds": spec.n_folds, "data.split_seed": spec.split_seed, "data.root": spec.data_root,
                 **{f"space.{k}": v for k, v in space.describe().items()}})
-    log.json({**spec.identity(), "search_space": space.describe(), "defaults": space.defaults,
+    log.json({**identity, "search_space": space.describe(), "defaults": space.defaults,
               "budget": dataclasses.asdict(budget)}, "study.json")
     return str(run.info.run_id)
 

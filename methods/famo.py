@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bench.gradients import LossWeighting
+from bench.gradients import LearnedTaskVector, LossWeighting
 from bench.method import Losses, MethodInfo, StepContext, register
 from bench.params import param
 
@@ -62,21 +62,18 @@ class FAMO(LossWeighting):
 
     def __init__(self, params: Any = None) -> None:
         super().__init__(params)
-        self.logits: Tensor | None = None
-        self.optimizer: torch.optim.Adam | None = None
+        self.weights = LearnedTaskVector(lr=self.params.w_lr, weight_decay=self.params.gamma)  # the logits
         self._before: Tensor | None = None
 
-    def _ensure(self, k: int) -> None:
-        if self.logits is None:
-            self.logits = torch.zeros(k, requires_grad=True)
-            self.optimizer = torch.optim.Adam([self.logits], lr=self.params.w_lr, weight_decay=self.params.gamma)
+    @property
+    def logits(self) -> Tensor | None:
+        return self.weights.value
 
     def backward(self, losses: Losses, model: nn.Module, step: StepContext) -> None:
         names = self.task_names = list(losses.tasks)
-        self._ensure(len(names))
-        assert self.logits is not None
+        logits = self.weights.ensure(len(names))
         values = torch.stack([losses.tasks[n].float() for n in names])
-        objective, weights = famo_objective(values, self.logits.to(values.device))
+        objective, weights = famo_objective(values, logits.to(values.device))
         self.record_weights(names, weights)
         self._before = values.detach().cpu()
         step.scale(objective + sum(losses.extra.values())).backward()
@@ -84,26 +81,17 @@ class FAMO(LossWeighting):
     def after_step(self, recompute: Callable[[], dict[str, Tensor]]) -> None:
         if self._before is None:
             return
-        assert self.logits is not None and self.optimizer is not None
+        assert self.logits is not None
         after = recompute()
         values = torch.stack([after[n].detach().float().cpu() for n in self.task_names])
-        self.logits.grad = famo_logit_grad(self.logits, self._before, values)
-        self.optimizer.step()
-        self.logits.grad = None
+        self.weights.step(famo_logit_grad(self.logits, self._before, values))
         self._before = None
 
     def state_dict(self) -> dict[str, Any]:
-        if self.logits is None or self.optimizer is None:
-            return {}
-        return {"logits": self.logits.detach().clone(), "optimizer": self.optimizer.state_dict()}
+        return self.weights.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state:
-            self._ensure(len(state["logits"]))
-            assert self.logits is not None and self.optimizer is not None
-            with torch.no_grad():
-                self.logits.copy_(state["logits"])
-            self.optimizer.load_state_dict(state["optimizer"])
+        self.weights.load_state_dict(state)
 
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bench.gradients import GradientCombiner
+from bench.gradients import GradientCombiner, LearnedTaskVector
 from bench.method import MethodInfo, register
 from bench.params import param
 
@@ -53,27 +53,18 @@ class GradNorm(GradientCombiner):
 
     def __init__(self, params: Any = None) -> None:
         super().__init__(params)
-        self.logits: Tensor | None = None
-        self.optimizer: torch.optim.Adam | None = None
+        self.weights = LearnedTaskVector(dtype=torch.float64, lr=self.params.lr)  # the logits
         self.initial: dict[str, float] | None = None  # epoch-0 mean losses
 
-    def _ensure(self, k: int) -> None:
-        if self.logits is None:
-            self.logits = torch.zeros(k, dtype=torch.float64, requires_grad=True)
-            self.optimizer = torch.optim.Adam([self.logits], lr=self.params.lr)
-
     def weigh(self, gramian: Tensor, losses: Tensor) -> Tensor:
-        self._ensure(gramian.shape[0])
-        assert self.logits is not None and self.optimizer is not None
-        weights = gramian.shape[0] * torch.softmax(self.logits.detach(), dim=0)
+        logits = self.weights.ensure(gramian.shape[0])
+        weights = gramian.shape[0] * torch.softmax(logits.detach(), dim=0)
         if self.initial is not None:  # equal weights during epoch 0, as LibMTL
             initial = torch.tensor([self.initial[n] for n in self.task_names], dtype=torch.float64)
             with torch.enable_grad():
-                objective = gradnorm_objective(self.logits, gramian.cpu(), losses.cpu(), initial, self.params.alpha)
-                (grad,) = torch.autograd.grad(objective, self.logits)
-            self.logits.grad = grad
-            self.optimizer.step()
-            self.logits.grad = None
+                objective = gradnorm_objective(logits, gramian.cpu(), losses.cpu(), initial, self.params.alpha)
+                (grad,) = torch.autograd.grad(objective, logits)
+            self.weights.step(grad)
         return weights.to(gramian)
 
     def on_epoch_end(self, epoch: int, train_losses: Mapping[str, float]) -> None:
@@ -81,18 +72,11 @@ class GradNorm(GradientCombiner):
             self.initial = {n: max(float(train_losses[n]), 1e-12) for n in self.task_names}
 
     def state_dict(self) -> dict[str, Any]:
-        if self.logits is None or self.optimizer is None:
-            return {"initial": self.initial}
-        return {"logits": self.logits.detach().clone(), "optimizer": self.optimizer.state_dict(), "initial": self.initial}
+        return {"logits": self.weights.state_dict(), "initial": self.initial}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.initial = state.get("initial")
-        if state.get("logits") is not None:
-            self._ensure(len(state["logits"]))
-            assert self.logits is not None and self.optimizer is not None
-            with torch.no_grad():
-                self.logits.copy_(state["logits"])
-            self.optimizer.load_state_dict(state["optimizer"])
+        self.weights.load_state_dict(state.get("logits") or {})
 
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:

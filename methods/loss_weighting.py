@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bench.gradients import LossWeighting
+from bench.gradients import LearnedTaskVector, LossWeighting
 from bench.method import Losses, MethodInfo, StepContext, register
 from bench.params import param
 
@@ -46,42 +46,29 @@ class UncertaintyWeighting(LossWeighting):
 
     def __init__(self, params: Any = None) -> None:
         super().__init__(params)
-        self.log_vars: Tensor | None = None
-        self.optimizer: torch.optim.Adam | None = None
+        self.weights = LearnedTaskVector(init=self.params.init, lr=self.params.lr)  # the log-variances s
 
-    def _ensure(self, k: int) -> None:
-        if self.log_vars is None:
-            self.log_vars = torch.full((k,), float(self.params.init), requires_grad=True)
-            self.optimizer = torch.optim.Adam([self.log_vars], lr=self.params.lr)
+    @property
+    def log_vars(self) -> Tensor | None:
+        return self.weights.value
 
     def backward(self, losses: Losses, model: nn.Module, step: StepContext) -> None:
         names = self.task_names = list(losses.tasks)
-        self._ensure(len(names))
-        assert self.log_vars is not None and self.optimizer is not None
+        log_vars = self.weights.ensure(len(names))
         values = torch.stack([losses.tasks[n].float() for n in names])
-        log_vars = self.log_vars.to(values.device)
-        weights = 0.5 * torch.exp(-log_vars.detach())
+        weights = 0.5 * torch.exp(-log_vars.detach().to(values.device))
         self.record_weights(names, weights)
         total = (weights * values).sum() + sum(losses.extra.values())
         step.scale(total).backward()
         with torch.enable_grad():  # d/ds of the UW objective, from the detached losses
-            (grad,) = torch.autograd.grad(uw_loss(values.detach().cpu(), self.log_vars), self.log_vars)
-        self.log_vars.grad = grad
-        self.optimizer.step()
-        self.log_vars.grad = None
+            (grad,) = torch.autograd.grad(uw_loss(values.detach().cpu(), log_vars), log_vars)
+        self.weights.step(grad)
 
     def state_dict(self) -> dict[str, Any]:
-        if self.log_vars is None or self.optimizer is None:
-            return {}
-        return {"log_vars": self.log_vars.detach().clone(), "optimizer": self.optimizer.state_dict()}
+        return self.weights.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state:
-            self._ensure(len(state["log_vars"]))
-            assert self.log_vars is not None and self.optimizer is not None
-            with torch.no_grad():
-                self.log_vars.copy_(state["log_vars"])
-            self.optimizer.load_state_dict(state["optimizer"])
+        self.weights.load_state_dict(state)
 
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:

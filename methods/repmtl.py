@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from bench.data import Batch
 from bench.errors import ConfigError
-from bench.method import Losses, MethodInfo, Regularizer, register
+from bench.method import EpochMeans, Losses, MethodInfo, Regularizer, register
 from bench.models import Output
 from bench.params import param
 
@@ -96,8 +96,7 @@ class RepMTL(Regularizer):
 
     def __init__(self, params: Any = None) -> None:
         super().__init__(params)
-        self._sums: dict[str, Tensor] = {}
-        self._steps = 0
+        self._means = EpochMeans()  # summed on the device, read once per epoch: no per-step sync
 
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:
@@ -123,14 +122,10 @@ class RepMTL(Regularizer):
         with torch.autocast(z.device.type, enabled=False):  # float32 matmuls and cosines under mixed precision
             tsr = saliency_entropy(saliency)
             csa = saliency_alignment(saliency, self.params.tau, self.params.positive_in_denominator)
-        for key, value in (("tsr", tsr), ("csa", csa)):
-            self._sums[key] = self._sums.get(key, 0) + value.detach()
-        self._steps += 1
+        self._means.add({"tsr": tsr, "csa": csa})
         return {f"{self.info.name}.tsr": self.params.lambda_tsr * tsr,
                 f"{self.info.name}.csa": self.params.lambda_csa * csa}
 
     def diagnostics(self) -> dict[str, float]:
         """Epoch means of the unweighted L_tsr and L_csa."""
-        values = {k: float(v) / self._steps for k, v in self._sums.items()} if self._steps else {}
-        self._sums, self._steps = {}, 0
-        return values
+        return self._means.pop()

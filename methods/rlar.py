@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from bench.data import Batch
 from bench.errors import ConfigError
-from bench.method import Losses, MethodInfo, Regularizer, register
+from bench.method import EpochMeans, Losses, MethodInfo, Regularizer, register
 from bench.models import Output
 from bench.params import param
 
@@ -76,8 +76,7 @@ class RLAR(Regularizer):
 
     def __init__(self, params: Any = None) -> None:
         super().__init__(params)
-        self._sums: dict[str, Tensor] = {}
-        self._steps = 0
+        self._means = EpochMeans()  # summed on the device, read once per epoch: no per-step sync
 
     @classmethod
     def search_space(cls, trial: Any) -> dict[str, Any]:
@@ -107,18 +106,14 @@ class RLAR(Regularizer):
         if len(names) > 1:
             self._log("abs_cos", torch.stack(per_layer).mean())
         self._log("penalty", value)
-        self._steps += 1
         return {self.info.name: value}
 
     def _log(self, key: str, value: Tensor) -> None:
-        # summed on the device; read once per epoch in diagnostics() (no per-step sync)
-        self._sums[key] = self._sums.get(key, 0) + value.detach()
+        self._means.add({key: value})
 
     def diagnostics(self) -> dict[str, float]:
         """Epoch means of the penalty, of |cos| (per layer for ``mean``) and of the signed cos."""
-        values = {k: float(v) / self._steps for k, v in self._sums.items()} if self._steps else {}
-        self._sums, self._steps = {}, 0
-        return values
+        return self._means.pop()
 
 
 def _variant(layer: str, summary: str) -> type[RLAR]:

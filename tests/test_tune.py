@@ -68,6 +68,9 @@ def test_every_registered_method_has_a_well_formed_search_space(name):
     space = search_space(method, TrainConfig())
     for component, params in space.components.items():  # each suggestion is a parameter of its component
         assert set(params) <= set(P.as_dict(method.components()[component].params))
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    for component in method.components().values():  # a sampled value is in the parameter's declared range
+        P.build(component.Params, component.search_space(trial), owner=component.info.name)
     assert {"train.lr", "train.weight_decay"} & set(space.defaults) or space.components
 
 
